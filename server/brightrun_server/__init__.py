@@ -1,0 +1,1 @@
+"""BrightRun server: the gRPC control plane."""

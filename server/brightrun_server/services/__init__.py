@@ -1,0 +1,1 @@
+"""Application services: orchestrate domain decisions, the store and executors."""
