@@ -337,3 +337,32 @@ def test_unexpected_errors_are_internal_with_a_request_id(stubs: Stubs, server: 
     assert info.reason == "INTERNAL"
     assert info.metadata["request_id"] == "req-abc"
     assert "req-abc" in caught.value.details()
+
+
+def test_nul_characters_are_refused_by_field_and_search_is_literal(any_stubs: Stubs) -> None:
+    """PostgreSQL text cannot hold NUL: every string field is checked before any
+    handler runs, and the refusal names the field. Search text is matched
+    literally (% and _ are no wildcards) and bounded."""
+    dataset = any_stubs.upload_example()
+    with pytest.raises(grpc.RpcError) as refused:
+        any_stubs.jobs.CreateJob(
+            js.CreateJobRequest(dataset_id=dataset.id, base_model="some/model", name="a\x00b", labels={"team": "x\x00"})
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, violations = details(refused.value)
+    assert sorted(field for field, _ in violations) == ["labels['team']", "name"]
+    with pytest.raises(grpc.RpcError) as missing:
+        any_stubs.jobs.GetJob(js.GetJobRequest(job_id="job_\x00"))
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for name in ("50% off", "plain_name"):
+        any_stubs.jobs.CreateJob(
+            js.CreateJobRequest(dataset_id=dataset.id, base_model="some/model", name=name, force=True)
+        )
+    found = any_stubs.jobs.ListJobs(js.ListJobsRequest(query="50%")).jobs
+    assert [j.name for j in found] == ["50% off"]
+    assert any_stubs.jobs.ListJobs(js.ListJobsRequest(query="n_m")).jobs == []
+    assert [j.name for j in any_stubs.jobs.ListJobs(js.ListJobsRequest(query="n_n")).jobs] == ["plain_name"]
+    with pytest.raises(grpc.RpcError) as long_search:
+        any_stubs.jobs.ListJobs(js.ListJobsRequest(query="%" * 5000))
+    assert long_search.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(long_search.value)[1][0][0] == "query"

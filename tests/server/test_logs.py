@@ -134,7 +134,7 @@ def exercise(stubs: Stubs, data_dir: Path, good: Path, bad: Path, model: Path, m
     )
     assert marker in str(issues), "the API shows the data to its owner"
     exported = b"".join(
-        c.data for c in stubs.datasets.ExportValidationErrors(ds.ExportValidationErrorsRequest(dataset_id=invalid.id))
+        c.chunk for c in stubs.datasets.ExportValidationErrors(ds.ExportValidationErrorsRequest(dataset_id=invalid.id))
     )
     assert exported
     stubs.datasets.ValidateDataset(ds.ValidateDatasetRequest(dataset_id=invalid.id, base_model=str(model)))
@@ -159,6 +159,7 @@ def exercise(stubs: Stubs, data_dir: Path, good: Path, bad: Path, model: Path, m
 def run(tmp: Path, tiny_model: Path, *, debug: bool) -> tuple[str, dict[Path, str], str]:
     """Exercise a server; its log, every other log under its data dir, and the marker."""
     marker = f"MRK{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True, exist_ok=True)
     good, bad = write_datasets(tmp, marker)
     model = nan_model(tiny_model, tmp.parent)
     server = start_server_process(tmp, debug_log_data="true" if debug else "false")

@@ -12,7 +12,6 @@ Files of a checkpoint folder (besides ``manifest.json``):
 from __future__ import annotations
 
 import io
-
 import json
 import random
 from dataclasses import asdict, dataclass, field

@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from grpc import aio
 
+from brightrun.v1 import trainer_service_pb2
 from brightrun_server.api.errors import internal_status, to_status, unavailable_status
 from brightrun_server.domain import auth, caller
-from brightrun_server.domain.errors import DomainError, PermissionDenied
+from brightrun_server.domain.errors import DomainError, FieldViolation, InvalidArgument, PermissionDenied
 
 log = logging.getLogger("brightrun_server.access")
 
@@ -105,7 +108,7 @@ class ErrorInterceptor(_Interceptor):
                 try:
                     await self._authenticate(method, context)
                     access.caller = caller.current()
-                    response = await behavior(request, context)
+                    response = await behavior(_checked(request), context)
                 except DomainError as e:
                     access.status = e.code, e.reason
                     await _abort(context, to_status(e, retry_after=getattr(e, "retry_after", None)))
@@ -139,7 +142,7 @@ class ErrorInterceptor(_Interceptor):
                 try:
                     await self._authenticate(method, context)
                     access.caller = caller.current()
-                    async for item in behavior(request, context):
+                    async for item in behavior(_checked(request), context):
                         yield item
                 except DomainError as e:
                     access.status = e.code, e.reason
@@ -162,6 +165,88 @@ class ErrorInterceptor(_Interceptor):
                 access.log()
 
         return wrapper
+
+
+def _checked(request: Any) -> Any:
+    """The request, refused (INVALID_ARGUMENT naming the field) when a string in
+    it holds a NUL character: no store keeps one (PostgreSQL text cannot) and
+    no name or id needs one. Request streams are checked message by message.
+    A trainer's reports are not refused (a log tail may hold any byte, and a
+    refused report would be resent forever): their NULs become U+FFFD."""
+    if isinstance(request, trainer_service_pb2.ReportAttemptRequest):
+        scrub_nul(request)
+        return request
+    if isinstance(request, Message):
+        violations = nul_violations(request)
+        if violations:
+            raise InvalidArgument(violations)
+        return request
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in requests:
+        if isinstance(message, Message):
+            violations = nul_violations(message)
+            if violations:
+                raise InvalidArgument(violations)
+        yield message
+
+
+NUL_MESSAGE = "must not contain NUL (\\0) characters"
+
+
+def scrub_nul(message: Message) -> None:
+    """Replace NUL with U+FFFD in every string of `message`, in place."""
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                if any("\x00" in v for v in value):
+                    value[:] = [v.replace("\x00", "\ufffd") for v in value]
+            elif "\x00" in value:
+                setattr(message, field.name, value.replace("\x00", "\ufffd"))
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for key in list(value):
+                    item = value[key]
+                    if isinstance(item, Message):
+                        scrub_nul(item)
+                    elif isinstance(item, str) and "\x00" in item:
+                        value[key] = item.replace("\x00", "\ufffd")
+            elif field.is_repeated:
+                for item in value:
+                    scrub_nul(item)
+            else:
+                scrub_nul(value)
+
+
+def nul_violations(message: Message, prefix: str = "") -> list[FieldViolation]:
+    """A violation for every string field (at any depth) that contains NUL."""
+    found: list[FieldViolation] = []
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                found += [FieldViolation(f"{path}[{i}]", NUL_MESSAGE) for i, v in enumerate(value) if "\x00" in v]
+            elif "\x00" in value:
+                found.append(FieldViolation(path, NUL_MESSAGE))
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if isinstance(key, str) and "\x00" in key:
+                        found.append(FieldViolation(f"{path}", "keys must not contain NUL (\\0) characters"))
+                    if isinstance(item, str) and "\x00" in item:
+                        found.append(FieldViolation(f"{path}[{key!r}]", NUL_MESSAGE))
+                    elif isinstance(item, Message):
+                        found += nul_violations(item, f"{path}[{key!r}].")
+            elif field.is_repeated:
+                for i, item in enumerate(value):
+                    found += nul_violations(item, f"{path}[{i}].")
+            else:
+                found += nul_violations(value, f"{path}.")
+    return found
 
 
 def _bearer(context: aio.ServicerContext[Any, Any]) -> str | None:

@@ -635,13 +635,19 @@ class JobService:
             else:
                 column = _JOB_COLUMNS[c.field]
             query = query.where(compare(column, c))
+        if len(query_text) > MAX_SEARCH_CHARS:
+            raise InvalidArgument(
+                [FieldViolation("query", f"must be at most {MAX_SEARCH_CHARS} characters, got {len(query_text)}")]
+            )
         if query_text:
-            pattern = f"%{query_text.lower()}%"
+            # The text is matched literally: % and _ are not wildcards.
+            literal = query_text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            pattern = f"%{literal}%"
             query = query.where(
                 sa.or_(
-                    sa.func.lower(JobRow.name).like(pattern),
-                    sa.func.lower(JobRow.description).like(pattern),
-                    sa.func.lower(sa.cast(JobRow.labels, sa.Text)).like(pattern),
+                    sa.func.lower(JobRow.name).like(pattern, escape="\\"),
+                    sa.func.lower(JobRow.description).like(pattern, escape="\\"),
+                    sa.func.lower(sa.cast(JobRow.labels, sa.Text)).like(pattern, escape="\\"),
                 )
             )
         return query, _SORTS[sort_name][0], descending, sort_name
@@ -2033,6 +2039,10 @@ class JobService:
         if self.control:
             for attempt_id in changes.stops:
                 self.control.request_stop(attempt_id)
+
+
+#: Longest search text of ListJobs / ExportJobs.
+MAX_SEARCH_CHARS = 256
 
 
 def claimable(now: datetime) -> Any:
