@@ -7,6 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; whole files per worker, so a module's server is shared).
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: install demo test test-fast lint proto proto-check migration bench clean
@@ -24,10 +26,10 @@ demo: install
 	$(BIN)/brightrun demo $(DEMO_ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	npx -y @bufbuild/buf lint
