@@ -77,7 +77,7 @@ def progress(message: str) -> None:
     print(f"[recovery] {message}", file=sys.stderr, flush=True)
 
 
-def job_config(max_steps: int, seed: int) -> job_pb2.TrainingConfig:
+def job_config(max_steps: int, seed: int, interval: int = CHECKPOINT_INTERVAL) -> job_pb2.TrainingConfig:
     """256 training examples in batches of 8: 32 steps an epoch, so a run crosses epochs."""
     return job_pb2.TrainingConfig(
         lora_rank=8,
@@ -89,7 +89,7 @@ def job_config(max_steps: int, seed: int) -> job_pb2.TrainingConfig:
         batch_size=8,
         max_seq_length=512,
         warmup_ratio=0.1,
-        checkpoint_interval_steps=CHECKPOINT_INTERVAL,
+        checkpoint_interval_steps=interval,
         max_steps=max_steps,
         seed=seed,
     )

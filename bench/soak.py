@@ -84,10 +84,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from _auth import aio_channel, server_env
 from grpc import aio
+from recovery import job_config
 
 from brightrun.v1 import dataset_service_pb2 as ds
 from brightrun.v1 import dataset_service_pb2_grpc, job_pb2, job_service_pb2_grpc
 from brightrun.v1 import job_service_pb2 as js
+from tests.e2e.harness import process_state
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO / "examples" / "data" / "support_chat.jsonl"
@@ -177,14 +179,6 @@ def run_processes(marker: str) -> list[tuple[int, bytes]]:
         if needle in raw and int(path.parent.name) != os.getpid():
             found.append((int(path.parent.name), raw))
     return found
-
-
-def process_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 _SPEC = re.compile(rb"/jobs/(job_[A-Za-z0-9]+)/attempts/(\d+)/spec\.json")
@@ -298,24 +292,6 @@ class JobInfo:
     started_at: float | None = None
 
 
-def training_config(max_steps: int, seed: int, interval: int) -> job_pb2.TrainingConfig:
-    """256 training examples in batches of 8 (32 steps an epoch), as bench/recovery.py."""
-    return job_pb2.TrainingConfig(
-        lora_rank=8,
-        lora_alpha=16,
-        lora_dropout=0.05,
-        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-        learning_rate=5e-3,
-        epochs=max(1, -(-max_steps // 32)),
-        batch_size=8,
-        max_seq_length=512,
-        warmup_ratio=0.1,
-        checkpoint_interval_steps=interval,
-        max_steps=max_steps,
-        seed=seed,
-    )
-
-
 def point_kind(p: job_pb2.MetricPoint) -> str:
     if p.HasField("train_loss"):
         return "train"
@@ -409,7 +385,7 @@ class Soak:
             name=f"soak {role} {n}",
             dataset_id=self.dataset_id,
             base_model=self.model,
-            overrides=training_config(max_steps or self.args.max_steps, 1000 + n, self.args.checkpoint_interval),
+            overrides=job_config(max_steps or self.args.max_steps, 1000 + n, self.args.checkpoint_interval),
             labels={"soak": self.run_id, "role": role, "phase": self.phase_name},
             recovery_policy=job_pb2.RecoveryPolicy(max_system_retries=10),
             force=True,
