@@ -409,6 +409,7 @@ def test_oversized_conversation_in_a_document(tmp_path: Path) -> None:
         (gzip.compress(b'{"messages": []}\n'), "gzip-compressed"),
         ('{"messages": []}\n'.encode("utf-16-le"), "UTF-16 without BOM"),
     ],
+    ids=["utf-16", "gzip", "utf-16-no-bom"],  # stable: gzip's header holds the time it was made
 )
 def test_files_that_are_not_utf8_text_stop_at_once(tmp_path: Path, data: bytes, what: str) -> None:
     path = tmp_path / "f.jsonl"
