@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,11 +218,20 @@ def conversation(draw: st.DrawFn, i: int) -> dict[str, Any]:
         elif context == "text":
             pair["prompt_context"] = draw(_content(f"c{i}.{k}"))
         if draw(st.booleans()):
-            pair["scaffolding_metadata"] = {
+            meta: dict[str, Any] = {
                 "persona": draw(st.sampled_from(["anxious_planner", "pragmatic_optimist"])),
                 "emotional_arc": draw(st.sampled_from(["worry_to_confidence", "conflict_to_alignment"])),
                 "topic": draw(st.sampled_from(["retirement", "debt", "budgeting"])),
             }
+            # Partial metadata and extra fields (text or numbers) are valid too.
+            shape = draw(st.sampled_from(["full", "no_topic", "extra_number", "extra_text"]))
+            if shape == "no_topic":
+                del meta["topic"]
+            elif shape == "extra_number":
+                meta["intensity"] = draw(st.integers(0, 5) | st.floats(0, 1))
+            elif shape == "extra_text":
+                meta["tone"] = draw(st.sampled_from(["warm", "direct"]))
+            pair["scaffolding_metadata"] = meta
         pairs.append(pair)
     return {"conversation_id": f"conv_{i}", "training_pairs": pairs}
 
@@ -287,7 +297,10 @@ def _expected_examples(fmt: DatasetFormat, records: list[dict[str, Any]]) -> lis
                         index=i,
                         conversation_id=r["conversation_id"],
                         pair_index=k,
-                        metadata=dict(p.get("scaffolding_metadata", {})),
+                        metadata={
+                            key: value if isinstance(value, str) else str(value)
+                            for key, value in p.get("scaffolding_metadata", {}).items()
+                        },
                     )
                 )
     return out
@@ -355,6 +368,11 @@ def test_valid_datasets_have_no_issues_and_read_back_exactly(
     assert report.stats.conversations == len(records)
     assert report.stats.messages == sum(len(e.messages) for e in expected)
     assert examples == expected
+    for name in ("persona", "emotional_arc", "topic"):
+        counted = Counter(e.metadata[name] for e in expected if name in e.metadata)
+        assert getattr(report.stats, name) == dict(counted), name
+    full = [e.metadata for e in expected if {"persona", "emotional_arc", "topic"} <= e.metadata.keys()]
+    assert report.stats.persona_arc == dict(Counter(f"{m['persona']} x {m['emotional_arc']}" for m in full))
 
 
 # ---------------------------------------------------------------------------

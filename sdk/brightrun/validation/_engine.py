@@ -966,69 +966,90 @@ class Engine:
                 )
                 continue
             context = pair.get("prompt_context")
-            if context is None:
-                context = ""
-            elif type(context) is not str:
-                self.emit(
-                    IssueType.INVALID_DATA_TYPE,
-                    _CRIT,
-                    f"'prompt_context' must be a string, found {json_type(context)}",
-                    ref,
-                    (*here, "prompt_context"),
-                    index=index,
-                    conv_id=conv_id,
-                    pair=k,
-                    expected="string or null",
-                    found=describe(context),
-                    fix="Write 'prompt_context' as a string (the system prompt), or remove it.",
+            query = pair.get("user_query")
+            target = pair.get("target_response")
+            meta = pair.get("scaffolding_metadata")
+            if (
+                type(query) is str
+                and type(target) is str
+                and (context is None or type(context) is str)
+                and (meta is None or type(meta) is dict)
+                and query
+                and target
+                and not query.isspace()
+                and not target.isspace()
+            ):
+                # A well-formed pair: nothing to report, skip the field-by-field checks.
+                if context is None:
+                    context = ""
+                if meta is None:
+                    meta = conv_meta
+            else:
+                if context is None:
+                    context = ""
+                elif type(context) is not str:
+                    self.emit(
+                        IssueType.INVALID_DATA_TYPE,
+                        _CRIT,
+                        f"'prompt_context' must be a string, found {json_type(context)}",
+                        ref,
+                        (*here, "prompt_context"),
+                        index=index,
+                        conv_id=conv_id,
+                        pair=k,
+                        expected="string or null",
+                        found=describe(context),
+                        fix="Write 'prompt_context' as a string (the system prompt), or remove it.",
+                    )
+                    context = ""
+                query = self._require_str(pair, "user_query", ref, here, index, conv_id, k, what="the user's message")
+                target = self._require_str(
+                    pair, "target_response", ref, here, index, conv_id, k, what="the reply to learn"
                 )
-                context = ""
-            query = self._require_str(pair, "user_query", ref, here, index, conv_id, k, what="the user's message")
-            target = self._require_str(pair, "target_response", ref, here, index, conv_id, k, what="the reply to learn")
-            if query is not None and (not query or query.isspace()):
-                self._empty(
-                    query,
-                    "user_query",
-                    _WARN,
-                    ref,
-                    (*here, "user_query"),
-                    index,
-                    conv_id,
-                    k,
-                    "Write the user's message this reply answers.",
-                )
-            if target is not None and (not target or target.isspace()):
-                self._empty(
-                    target,
-                    "target_response",
-                    _CRIT,
-                    ref,
-                    (*here, "target_response"),
-                    index,
-                    conv_id,
-                    k,
-                    "Add the target response text in the conversation editor.",
-                )
-            meta = pair.get("scaffolding_metadata", _MISSING)
-            if meta is _MISSING or meta is None:
-                meta = conv_meta
-            elif type(meta) is not dict:
-                self.emit(
-                    IssueType.INVALID_DATA_TYPE,
-                    _WARN,
-                    f"'scaffolding_metadata' must be an object, found {json_type(meta)}",
-                    ref,
-                    (*here, "scaffolding_metadata"),
-                    index=index,
-                    conv_id=conv_id,
-                    pair=k,
-                    expected="object {persona, emotional_arc, topic}",
-                    found=describe(meta),
-                    fix="Write scaffolding_metadata as an object, or remove it.",
-                )
-                meta = None
-            if self.n_critical != pmark or query is None or target is None:
-                continue
+                if query is not None and (not query or query.isspace()):
+                    self._empty(
+                        query,
+                        "user_query",
+                        _WARN,
+                        ref,
+                        (*here, "user_query"),
+                        index,
+                        conv_id,
+                        k,
+                        "Write the user's message this reply answers.",
+                    )
+                if target is not None and (not target or target.isspace()):
+                    self._empty(
+                        target,
+                        "target_response",
+                        _CRIT,
+                        ref,
+                        (*here, "target_response"),
+                        index,
+                        conv_id,
+                        k,
+                        "Add the target response text in the conversation editor.",
+                    )
+                meta = pair.get("scaffolding_metadata", _MISSING)
+                if meta is _MISSING or meta is None:
+                    meta = conv_meta
+                elif type(meta) is not dict:
+                    self.emit(
+                        IssueType.INVALID_DATA_TYPE,
+                        _WARN,
+                        f"'scaffolding_metadata' must be an object, found {json_type(meta)}",
+                        ref,
+                        (*here, "scaffolding_metadata"),
+                        index=index,
+                        conv_id=conv_id,
+                        pair=k,
+                        expected="object {persona, emotional_arc, topic}",
+                        found=describe(meta),
+                        fix="Write scaffolding_metadata as an object, or remove it.",
+                    )
+                    meta = None
+                if self.n_critical != pmark or query is None or target is None:
+                    continue
             metadata = self._scaffolding(meta, ref, here, index, conv_id, k)
             self._duplicate((context, query, target), ref, here, index, k, conv_id)
             self._count_example(len(context) + len(query) + len(target), 3 if context.strip() else 2)
@@ -1057,12 +1078,49 @@ class Engine:
     ) -> dict[str, str]:
         if meta is None:
             return {}
+        persona = meta.get("persona")
+        arc = meta.get("emotional_arc")
+        topic = meta.get("topic")
+        fast = type(persona) is str and type(arc) is str and type(topic) is str
+        if fast:
+            # The common case, counted without the per-field loop below.
+            self._tally(self.scaffolding["persona"], persona)
+            self._tally(self.scaffolding["emotional_arc"], arc)
+            self._tally(self.scaffolding["topic"], topic)
+            self.res.pairs_with_metadata += 1
+            self._tally(self.res.combinations, f"{persona} x {arc}")
+            if not self.need_messages:
+                return {}
+            if len(meta) == 3:
+                return {"persona": persona, "emotional_arc": arc, "topic": topic}
+        return self._scaffolding_fields(meta, ref, here, index, conv_id, k, fast)
+
+    @staticmethod
+    def _tally(counter: Counter[str], value: str) -> None:
+        if value in counter or len(counter) < MAX_DISTINCT_VALUES:
+            counter[value] += 1
+        else:
+            counter["(other)"] += 1
+
+    def _scaffolding_fields(
+        self,
+        meta: dict[str, Any],
+        ref: Ref,
+        here: tuple[str | int, ...],
+        index: int,
+        conv_id: str | None,
+        k: int,
+        counted: bool,
+    ) -> dict[str, str]:
+        """The metadata as text; reports mistyped fields and counts them unless ``counted``."""
         out: dict[str, str] = {}
         for name, value in meta.items():
             if isinstance(value, str):
                 out[name] = value
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 out[name] = str(value)
+        if counted:
+            return out
         complete = True
         for name in _SCAFFOLD_FIELDS:
             value = meta.get(name)
@@ -1085,19 +1143,10 @@ class Engine:
                     fix=f"Write {name} as a string label.",
                 )
                 continue
-            counter = self.scaffolding[name]
-            if value in counter or len(counter) < MAX_DISTINCT_VALUES:
-                counter[value] += 1
-            else:
-                counter["(other)"] += 1
+            self._tally(self.scaffolding[name], value)
         if complete:
             self.res.pairs_with_metadata += 1
-            combo = f"{meta['persona']} x {meta['emotional_arc']}"
-            combos = self.res.combinations
-            if combo in combos or len(combos) < MAX_DISTINCT_VALUES:
-                combos[combo] += 1
-            else:
-                combos["(other)"] += 1
+            self._tally(self.res.combinations, f"{meta['persona']} x {meta['emotional_arc']}")
         return out
 
     def _rating(
