@@ -3,7 +3,10 @@
 1. Published: every record of tests/data/estimate/published_memory.json (measured
    peak memory of LoRA / QLoRA runs, each with its source and configuration) is
    estimated with its configuration and compared with the figure it reports (the
-   estimate's allocated subtotal for ``max_memory_allocated`` figures).
+   estimate's allocated subtotal for ``max_memory_allocated`` figures). A record
+   names the training stack it was measured on (the file's ``stacks``: software
+   facts such as adapter dtype or bitsandbytes version, each with its source); the
+   estimate takes those facts as inputs (``memory.Stack``), nothing is fitted.
 2. CPU: tiny Llama models are trained for real on this machine
    (tests/estimate/cpu_memory.py: fresh process, fp32, peak RSS minus the baseline
    measured in the same run) and compared with the same breakdown for device="cpu".
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from brightrun_server.domain.estimate.catalog import ModelArch, gpu_catalog, resolve_model
-from brightrun_server.domain.estimate.memory import memory_breakdown
+from brightrun_server.domain.estimate.memory import Stack, memory_breakdown
 from brightrun_trainer.spec import QuantizationMode, TrainingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +71,25 @@ def record_params(rec: dict[str, Any]) -> TrainingParams:
     )
 
 
-def estimate_record(rec: dict[str, Any]) -> int:
+def record_stack(rec: dict[str, Any], stacks: dict[str, Any]) -> Stack:
+    """The software facts a record was measured with (default: BrightRun's trainer)."""
+    name = rec.get("stack")
+    if not name:
+        return Stack()
+    entry = stacks[name]
+    facts = dict(entry["facts"])
+    if rec["quantization"] != "none":
+        facts.update(entry.get("when_quantized", {}))
+    return Stack(**facts)
+
+
+def estimate_record(rec: dict[str, Any], stacks: dict[str, Any] | None = None) -> int:
     bd = memory_breakdown(
         record_arch(rec["model"]),
         record_params(rec),
         device="cuda",
         defaults=gpu_catalog().defaults,
+        stack=record_stack(rec, stacks or {}),
     )
     metric = rec["metric"]
     if metric == "max_memory_allocated":
@@ -88,7 +104,7 @@ def published() -> dict[str, Any]:
     rows = []
     for rec in doc["records"]:
         measured = rec["measured"] * UNITS[rec["unit"]]
-        est = estimate_record(rec)
+        est = estimate_record(rec, doc.get("stacks", {}))
         err = (est - measured) / measured
         rows.append(
             {
