@@ -88,29 +88,39 @@ class Scheduler:
                 await task
 
     async def _run(self) -> None:
+        # Upkeep (replica heartbeat, take-over, deadlines) runs once a tick; a
+        # wake (a job created, a worker gone) only runs the scheduling pass, so a
+        # burst of CreateJob calls does not add two write transactions each.
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
         # cancellation that stop() sends, and this loop would never end.
+        loop = asyncio.get_running_loop()
+        next_upkeep = loop.time()
         while not self._stopping:
-            self._ticks += 1
-            try:
-                await self._jobs.heartbeat()
-                if self._ticks % TAKEOVER_EVERY == 0:
-                    await self._take_over()
-            except Exception:
-                log.exception("replica upkeep failed; retrying")
-            try:
-                for attempt_id in await self._jobs.enforce_deadlines(self._stall_seconds):
-                    self.executor.stop(attempt_id)
-            except Exception:
-                log.exception("deadline check failed; retrying")
+            if loop.time() >= next_upkeep:
+                next_upkeep = loop.time() + TICK_SECONDS
+                await self._upkeep()
             try:
                 await self._fill()
             except Exception:
                 log.exception("scheduling pass failed; retrying")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TICK_SECONDS):
+                async with asyncio.timeout_at(next_upkeep):
                     await self._wake.wait()
             self._wake.clear()
+
+    async def _upkeep(self) -> None:
+        self._ticks += 1
+        try:
+            await self._jobs.heartbeat()
+            if self._ticks % TAKEOVER_EVERY == 0:
+                await self._take_over()
+        except Exception:
+            log.exception("replica upkeep failed; retrying")
+        try:
+            for attempt_id in await self._jobs.enforce_deadlines(self._stall_seconds):
+                self.executor.stop(attempt_id)
+        except Exception:
+            log.exception("deadline check failed; retrying")
 
     # scheduling -------------------------------------------------------------
 

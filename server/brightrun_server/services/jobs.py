@@ -312,15 +312,11 @@ class JobService:
 
         tier = inp.pricing_tier or PricingTier.SPOT
         request_hash = self._request_hash(inp, resolved, gpu_type, tier, duration)
-        if inp.request_id:
-            existing = await self._by_request_id(inp.request_id, request_hash)
-            if existing is not None:
-                return existing
 
         changes = Changes()
         try:
             async with self._db.write() as session:
-                if inp.request_id:
+                if inp.request_id:  # a retry of a request that committed returns its job
                     found = await session.scalar(
                         sa.select(JobRow).where(
                             JobRow.project == caller.current().project, JobRow.request_id == inp.request_id
@@ -703,14 +699,15 @@ class JobService:
         self, *, job_ids: Sequence[str], filter_text: str, reason: str, note: str
     ) -> list[tuple[str, JobRow | None, str]]:
         """Cancel each job; one (job id, job or None, error) per job."""
-        targets = list(dict.fromkeys(job_ids))
+        chosen = dict.fromkeys(job_ids)  # ordered and de-duplicated
         if filter_text:
             token = ""
             while True:
                 rows, token = await self.list_jobs(size=1000, token=token, filter_text=filter_text)
-                targets.extend(r.id for r in rows if r.id not in targets)
+                chosen.update(dict.fromkeys(r.id for r in rows))
                 if not token:
                     break
+        targets = list(chosen)
         if not targets:
             raise InvalidArgument([FieldViolation("job_ids", "name jobs or a filter")])
         results: list[tuple[str, JobRow | None, str]] = []
