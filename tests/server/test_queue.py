@@ -184,6 +184,14 @@ def test_listing_sorts_searches_filters_exports_and_bulk_cancels(one_slot: tuple
     assert all(not r.error for r in result.results)
     for job in jobs:  # the running one's worker is stopped within the grace period
         assert stubs.wait_state(job.id, TERMINAL).state == job_pb2.Job.STATE_CANCELLED
+    # A filter that matches nothing cancels nothing: an empty answer, not an error.
+    nothing = stubs.jobs.BulkCancelJobs(
+        js.BulkCancelJobsRequest(filter='labels.team = "nobody"', reason=job_pb2.CANCEL_REASON_TESTING)
+    )
+    assert list(nothing.results) == []
+    with pytest.raises(grpc.RpcError) as refused:  # neither ids nor a filter
+        stubs.jobs.BulkCancelJobs(js.BulkCancelJobsRequest(reason=job_pb2.CANCEL_REASON_TESTING))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_switch_to_on_demand(stubs: Stubs) -> None:
