@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from brightrun.v1 import api_key_service_pb2, job_pb2, project_service_pb2_grpc, queue_service_pb2_grpc
 from brightrun.v1 import job_service_pb2 as js
@@ -141,6 +142,24 @@ def test_queue_positions_promotion_audit_and_order(one_slot: tuple[ServerHandle,
     stubs.jobs.CancelJob(js.CancelJobRequest(job_id=running.id, reason=job_pb2.CANCEL_REASON_TESTING))
     next_worker = attach(stubs, waiting[2].id)
     next_worker.kill(signal.SIGKILL)
+
+
+def test_a_recovering_job_keeps_its_slot_through_its_backoff(one_slot: tuple[ServerHandle, Stubs]) -> None:
+    """An interrupted job's slot is not handed to the queue while it waits out its
+    backoff: otherwise its recovery would wait for a whole other job to finish."""
+    _, stubs = one_slot
+    dataset = stubs.upload_example()
+    policy = job_pb2.RecoveryPolicy(initial_backoff=duration_pb2.Duration(seconds=3))
+    interrupted = create(stubs, dataset.id, "interrupted", recovery_policy=policy)
+    stubs.wait_state(interrupted.id, {job_pb2.Job.STATE_PROVISIONING})
+    first = attach(stubs, interrupted.id)
+    waiting = create(stubs, dataset.id, "waiting")
+    first.kill(signal.SIGKILL)
+    stubs.wait_state(interrupted.id, {job_pb2.Job.STATE_RECOVERING})
+    assert stubs.get_job(waiting.id).state == job_pb2.Job.STATE_QUEUED
+    second = attach(stubs, interrupted.id, attempt=2)  # after the backoff, in the slot it kept
+    assert second.pid != first.pid
+    assert stubs.get_job(waiting.id).state == job_pb2.Job.STATE_QUEUED
 
 
 def test_listing_sorts_searches_filters_exports_and_bulk_cancels(one_slot: tuple[ServerHandle, Stubs]) -> None:

@@ -1078,9 +1078,9 @@ class Engine:
     ) -> dict[str, str]:
         if meta is None:
             return {}
-        persona = meta.get("persona")
-        arc = meta.get("emotional_arc")
-        topic = meta.get("topic")
+        persona: Any = meta.get("persona")
+        arc: Any = meta.get("emotional_arc")
+        topic: Any = meta.get("topic")
         fast = type(persona) is str and type(arc) is str and type(topic) is str
         if fast:
             # The common case, counted without the per-field loop below.

@@ -128,8 +128,12 @@ class Scheduler:
         return self.providers[pool].slots - self.executor.running_in(pool) - self._provisioning[pool]
 
     async def _fill(self) -> None:
+        if all(self.free_slots(pool) <= 0 for pool in self.providers):
+            return
+        # A job in its recovery backoff keeps its slot (see recovering_by_pool).
+        reserved = await self._jobs.recovering_by_pool()
         for pool in self.providers:
-            while self.free_slots(pool) > 0:
+            while self.free_slots(pool) - reserved.get(pool, 0) > 0:
                 claim = await self._jobs.claim_next(pool)
                 if claim is None:
                     break

@@ -844,6 +844,18 @@ class JobService:
 
     # ------------------------------------------------------------------ scheduling
 
+    async def recovering_by_pool(self) -> dict[str, int]:
+        """Jobs waiting out a recovery backoff, per pool. Each keeps the slot its
+        interrupted worker held, so a queued job does not take it meanwhile and the
+        recovery wait for a whole other job (claim_next starts it first once due)."""
+        async with self._db.read() as session:
+            rows = await session.execute(
+                sa.select(JobRow.pool, sa.func.count())
+                .where(JobRow.state == JobState.RECOVERING.value, JobRow.next_attempt_time > utcnow())
+                .group_by(JobRow.pool)
+            )
+            return {str(pool): int(n) for pool, n in rows.all()}
+
     async def claim_next(self, pool: str = "local") -> ClaimedAttempt | None:
         """Take the next waiting job of `pool` (queue order) and open an attempt
         for it; the scheduler then provisions a worker."""
