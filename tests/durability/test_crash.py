@@ -30,6 +30,12 @@ from tests.durability.harness import Sampler, attempt_rows, connect, trainers, w
 
 State = job_pb2.Job.State
 SLOTS = 5
+#: Long enough that the first five jobs all train at once, and the survivors are
+#: still training when the server is killed, on a loaded 2-core machine: with
+#: MAX_STEPS (100) under the full suite's load the first job finished before the
+#: fifth reached its first step.
+TEN_JOB_STEPS = 3 * MAX_STEPS
+TEN_JOB_CONFIG = job_pb2.TrainingConfig(max_steps=TEN_JOB_STEPS, epochs=8)  # 8 epochs: > 300 steps
 
 
 @pytest.mark.slow
@@ -38,7 +44,10 @@ def test_sigkill_while_ten_jobs_train(server_process: ServerFactory, tiny_model:
     data_dir = server.data_dir
     api = connect(server.address)
     dataset = api.upload(small_dataset)
-    ids = [api.create(dataset.id, str(tiny_model), SMALL_CONFIG, name=f"crash-{i}").id for i in range(10)]
+    config = job_pb2.TrainingConfig()
+    config.CopyFrom(SMALL_CONFIG)
+    config.MergeFrom(TEN_JOB_CONFIG)
+    ids = [api.create(dataset.id, str(tiny_model), config, name=f"crash-{i}").id for i in range(10)]
     victim, survivors = ids[0], ids[1:SLOTS]
     sampler = Sampler(lambda: trainers(data_dir))
     try:
@@ -106,7 +115,7 @@ def test_sigkill_while_ten_jobs_train(server_process: ServerFactory, tiny_model:
     api = connect(server.address)
     try:
         reference = shape(stored_metrics(api, ids[-1]))
-        assert [s[1] for s in reference if s[2]] == list(range(1, MAX_STEPS + 1))
+        assert [s[1] for s in reference if s[2]] == list(range(1, TEN_JOB_STEPS + 1))
         for job_id in ids:
             points = stored_metrics(api, job_id)
             stored_events(api, job_id)
@@ -119,7 +128,7 @@ def test_sigkill_while_ten_jobs_train(server_process: ServerFactory, tiny_model:
             second = [s for a, s in train if a == 2]
             assert first[0] == 1
             assert first[-1] >= resumed
-            assert second == list(range(resumed + 1, MAX_STEPS + 1))
+            assert second == list(range(resumed + 1, TEN_JOB_STEPS + 1))
     finally:
         api.close()
 
