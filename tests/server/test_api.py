@@ -262,6 +262,23 @@ def test_one_hundred_concurrent_creates_with_one_request_id_make_one_job(any_stu
 # ---------------------------------------------------------------- listing
 
 
+def test_cancel_racing_worker_launches_never_deadlocks(any_stubs: Stubs) -> None:
+    """CancelJob locks a job, then its attempt; the scheduler recording a just-
+    launched worker (and a trainer's reports) once locked the attempt first, and
+    on PostgreSQL the two deadlocked: INTERNAL for the caller. Cancel jobs as
+    their workers start, many times; every cancel must succeed."""
+    d = any_stubs.upload(CHAT)
+    for round_ in range(6):
+        jobs = [
+            create(any_stubs, d.id, name=f"race {round_}.{i}", base_model="/nonexistent/model", force=True)
+            for i in range(8)
+        ]
+        for job in jobs:
+            any_stubs.jobs.CancelJob(js.CancelJobRequest(job_id=job.id, reason=job_pb2.CANCEL_REASON_TESTING))
+        for job in jobs:
+            any_stubs.wait_state(job.id, {job_pb2.Job.STATE_CANCELLED})
+
+
 def test_list_jobs_pages_filters_and_rejects_foreign_tokens(any_stubs: Stubs) -> None:
     d = any_stubs.upload(CHAT)
     created = [

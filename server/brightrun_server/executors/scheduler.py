@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 from brightrun_server.domain.reports import Report
@@ -52,6 +53,8 @@ class Scheduler:
         self._replica_timeout = replica_timeout_seconds
         self._sole_replica = sole_replica
         self._ticks = 0
+        #: Loop time at which the earliest waiting retry falls due (see _fill).
+        self._next_due: float | None = None
         self.providers = dict(providers)
         #: Provisioning requests in flight per pool: they hold a slot.
         self._provisioning: dict[str, int] = dict.fromkeys(self.providers, 0)
@@ -103,8 +106,10 @@ class Scheduler:
                 await self._fill()
             except Exception:
                 log.exception("scheduling pass failed; retrying")
+            # Wake at the next tick, or as soon as a retry falls due.
+            deadline = next_upkeep if self._next_due is None else min(next_upkeep, self._next_due)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(next_upkeep):
+                async with asyncio.timeout_at(deadline):
                     await self._wake.wait()
             self._wake.clear()
 
@@ -128,10 +133,15 @@ class Scheduler:
         return self.providers[pool].slots - self.executor.running_in(pool) - self._provisioning[pool]
 
     async def _fill(self) -> None:
+        self._next_due = None
         if all(self.free_slots(pool) <= 0 for pool in self.providers):
-            return
-        # A job in its recovery backoff keeps its slot (see recovering_by_pool).
-        reserved = await self._jobs.recovering_by_pool()
+            return  # a slot freeing up wakes the loop
+        backoffs = await self._jobs.backoffs()
+        if backoffs.next_due is not None:
+            loop = asyncio.get_running_loop()
+            wait = (backoffs.next_due - datetime.now(UTC)).total_seconds()
+            self._next_due = loop.time() + max(0.0, wait) + 0.005  # just past it: due means <= now
+        reserved = backoffs.reserved  # a job in its recovery backoff keeps its slot
         for pool in self.providers:
             while self.free_slots(pool) - reserved.get(pool, 0) > 0:
                 claim = await self._jobs.claim_next(pool)

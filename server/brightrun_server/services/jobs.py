@@ -844,17 +844,24 @@ class JobService:
 
     # ------------------------------------------------------------------ scheduling
 
-    async def recovering_by_pool(self) -> dict[str, int]:
-        """Jobs waiting out a recovery backoff, per pool. Each keeps the slot its
-        interrupted worker held, so a queued job does not take it meanwhile and the
-        recovery wait for a whole other job (claim_next starts it first once due)."""
+    async def backoffs(self) -> Backoffs:
+        """Jobs waiting out a retry delay: recovering ones per pool, and the
+        earliest time any retry (recovery or provisioning) falls due."""
+        now = utcnow()
         async with self._db.read() as session:
             rows = await session.execute(
-                sa.select(JobRow.pool, sa.func.count())
-                .where(JobRow.state == JobState.RECOVERING.value, JobRow.next_attempt_time > utcnow())
-                .group_by(JobRow.pool)
+                sa.select(JobRow.state, JobRow.pool, sa.func.count(), sa.func.min(JobRow.next_attempt_time))
+                .where(JobRow.state.in_(_RETRYING), JobRow.next_attempt_time > now)
+                .group_by(JobRow.state, JobRow.pool)
             )
-            return {str(pool): int(n) for pool, n in rows.all()}
+            reserved: dict[str, int] = {}
+            due: list[datetime] = []
+            for state, pool, count, first in rows.all():
+                if state == JobState.RECOVERING.value:
+                    reserved[str(pool)] = reserved.get(str(pool), 0) + int(count)
+                if first is not None:
+                    due.append(first)
+        return Backoffs(reserved, min(due) if due else None)
 
     async def claim_next(self, pool: str = "local") -> ClaimedAttempt | None:
         """Take the next waiting job of `pool` (queue order) and open an attempt
@@ -1009,10 +1016,10 @@ class JobService:
         be stopped already."""
         changes = Changes()
         async with self._db.write() as session:
-            attempt = await session.get(AttemptRow, attempt_id, with_for_update=True)
-            if attempt is None:
+            locked = await self.lock_attempt(session, attempt_id)
+            if locked is None:
                 return True
-            job = await self.lock_job(session, attempt.job_id)
+            attempt, job = locked
             now = utcnow()
             attempt.pid = pid
             attempt.launch_time = now
@@ -1059,17 +1066,17 @@ class JobService:
         stop requested). `token` None means a trusted local source (the outbox)."""
         changes = Changes()
         async with self._db.write() as session:
-            attempt = await session.get(AttemptRow, attempt_id, with_for_update=True)
-            if attempt is None or (
+            locked = await self.lock_attempt(session, attempt_id)
+            if locked is None or (
                 token is not None
-                and (attempt.state != "running" or not hmac.compare_digest(attempt.token_hash, _hash_token(token)))
+                and (locked[0].state != "running" or not hmac.compare_digest(locked[0].token_hash, _hash_token(token)))
             ):
                 raise Unauthenticated(
                     "attempt token is missing, unknown or expired",
                     reason="ATTEMPT_TOKEN_INVALID",
                     metadata={"attempt_id": attempt_id},
                 )
-            job = await self.lock_job(session, attempt.job_id)
+            attempt, job = locked
             acked = attempt.last_report_seq
             for report in reports:
                 if report.sequence <= acked:
@@ -1456,10 +1463,10 @@ class JobService:
         """The worker process ended; close the attempt and settle the job."""
         changes = Changes()
         async with self._db.write() as session:
-            attempt = await session.get(AttemptRow, attempt_id, with_for_update=True)
-            if attempt is None or attempt.end_time is not None:
+            locked = await self.lock_attempt(session, attempt_id)
+            if locked is None or locked[0].end_time is not None:
                 return
-            job = await self.lock_job(session, attempt.job_id)
+            attempt, job = locked
             now = utcnow()
             attempt.end_time, attempt.exit_code, attempt.signal = now, exit_code, signal
             outcome = (attempt.result or {}).get("outcome")
@@ -1516,6 +1523,11 @@ class JobService:
                     reason, message = "stall", f"the trainer has been silent for {stall_seconds:g}s; stopping it"
                 else:
                     continue
+                # Lock job then attempt (the one order; see lock_attempt) before writing.
+                locked = await self.lock_attempt(session, attempt.id)
+                if locked is None or locked[0].end_time is not None or locked[0].stop_requested:
+                    continue
+                attempt, job = locked
                 attempt.stop_requested, attempt.stop_reason = True, reason
                 stops.append(attempt.id)
                 self.event(session, job, changes, "warning", reason.upper(), message, {"attempt": attempt.number})
@@ -1827,10 +1839,10 @@ class JobService:
         so no job is left waiting for a worker that is gone."""
         changes = Changes()
         async with self._db.write() as session:
-            attempt = await session.get(AttemptRow, attempt_id, with_for_update=True)
-            if attempt is None:
+            locked = await self.lock_attempt(session, attempt_id)
+            if locked is None:
                 return
-            job = await self.lock_job(session, attempt.job_id)
+            attempt, job = locked
             now = utcnow()
             if attempt.end_time is None:
                 attempt.end_time, attempt.state = now, "lost"
@@ -1849,6 +1861,18 @@ class JobService:
         self.fail(session, job, changes, doc, utcnow())
 
     # ------------------------------------------------------------------ helpers
+
+    async def lock_attempt(self, session: AsyncSession, attempt_id: str) -> tuple[AttemptRow, JobRow] | None:
+        """Lock an attempt and its job in the order every transaction takes them:
+        the job first, then the attempt (cancel, pause and the others lock the job
+        and then its current attempt). Locking the attempt first deadlocked
+        against them on PostgreSQL, a CancelJob racing a trainer's launch or report."""
+        job_id = await session.scalar(sa.select(AttemptRow.job_id).where(AttemptRow.id == attempt_id))
+        if job_id is None:
+            return None
+        job = await self.lock_job(session, job_id)
+        attempt = await session.get(AttemptRow, attempt_id, with_for_update=True, populate_existing=True)
+        return None if attempt is None else (attempt, job)
 
     async def lock_job(self, session: AsyncSession, job_id: str) -> JobRow:
         job = await session.get(JobRow, job_id, with_for_update=True, populate_existing=True)
@@ -2058,6 +2082,19 @@ class JobService:
 
 #: Longest search text of ListJobs / ExportJobs.
 MAX_SEARCH_CHARS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Backoffs:
+    """What the scheduler needs to know about retries that are not due yet."""
+
+    #: Per pool, jobs in their recovery backoff. Each keeps the slot its
+    #: interrupted worker held: a queued job taking it would make the recovery
+    #: wait for that whole job (once due, claim_next starts recovering jobs first).
+    reserved: dict[str, int]
+    #: When the next retry falls due (None: none waiting), so the scheduler can
+    #: start it then rather than at its next tick.
+    next_due: datetime | None
 
 
 def claimable(now: datetime) -> Any:
