@@ -10,7 +10,8 @@ only sleep so no training competes for the CPU):
 * ListJobs p99 over 100k jobs (bulk-inserted rows cloned from a real job), for
   a state filter (indexed) and a label filter (JSON), page size 50;
 * slot freed -> next job provisioning: with one slot and a queue, the time from
-  the running worker's death to the next job's claim (server event times).
+  the running worker's death to the next job's claim (server event times); the
+  jobs have no automatic retries, so the killed one frees its slot.
 
 Baseline in the same run: a bare grpc.aio unary echo server (its own process)
 driven by the same client code, so each latency has a floor to compare with.
@@ -197,9 +198,19 @@ async def slot_latency(address: str, sync_url: str, dataset_id: str, repeats: in
     """One slot: kill the running worker, time until the next job is claimed (server clock)."""
     async with aio_channel(address) as channel:
         stub = job_service_pb2_grpc.JobServiceStub(channel)
+        # No automatic recovery: a job in its recovery backoff keeps its slot (so
+        # its retry does not wait for a whole other job), which is not what this
+        # measures. Without retries the killed job waits for a decision, slot freed.
+        no_retries = job_pb2.RecoveryPolicy(max_system_retries=0)
         jobs = [
             await stub.CreateJob(
-                js.CreateJobRequest(dataset_id=dataset_id, base_model="bench/model", name=f"slot {i}", force=True)
+                js.CreateJobRequest(
+                    dataset_id=dataset_id,
+                    base_model="bench/model",
+                    name=f"slot {i}",
+                    force=True,
+                    recovery_policy=no_retries,
+                )
             )
             for i in range(repeats + 1)
         ]
