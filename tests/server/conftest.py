@@ -156,6 +156,17 @@ def scripted(tmp_path: Path, sleeper: Path) -> Iterator[tuple[ServerHandle, Stub
     stop_server(handle)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def scripted_any(request: pytest.FixtureRequest, tmp_path: Path, sleeper: Path) -> Iterator[tuple[ServerHandle, Stubs]]:
+    """`scripted`, on SQLite and on PostgreSQL."""
+    url = request.getfixturevalue("pg_schema_url") if request.param == "postgres" else None
+    handle = start_server(tmp_path, database_url=url, trainer_python=str(sleeper), stop_grace_seconds=2.0)
+    s = stubs_for(handle)
+    yield handle, s
+    s.channel.close()
+    stop_server(handle)
+
+
 @dataclass
 class ScriptedAttempt:
     """The test's side of one running attempt."""

@@ -81,7 +81,7 @@ class JobRow(Base):
     params: Mapped[dict[str, Any]]
     compute: Mapped[dict[str, Any]]
     labels: Mapped[dict[str, Any]]
-    state: Mapped[str] = mapped_column(sa.String(16))
+    state: Mapped[str] = mapped_column(sa.String(32))
     state_message: Mapped[str] = mapped_column(sa.Text, default="")
     #: Idempotency key, unique within the project.
     request_id: Mapped[str | None] = mapped_column(sa.String(128))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from brightrun_server.store.db import compare_column_types
 from brightrun_server.store.models import Base
 
 config = context.config
@@ -20,7 +21,7 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=target_metadata,
             render_as_batch=connection.dialect.name == "sqlite",
-            compare_type=True,
+            compare_type=compare_column_types,
         )
         with context.begin_transaction():
             context.run_migrations()
