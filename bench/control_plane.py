@@ -302,8 +302,10 @@ async def run_backend(name: str, url: str | None, args: argparse.Namespace, tmp:
                 await load(list_call, clients=1, total=10)
                 lists[label] = await load(list_call, clients=1, total=args.lists)
                 log(f"{name}: ListJobs {label}: {lists[label]}")
-            # Clear the CreateJob backlog (and the job holding the slot) so the slot test's jobs are next.
-            for state in ("PROVISIONING", "QUEUED"):
+            # Clear the CreateJob backlog, then the job holding the slot, so the slot
+            # test's jobs are next. The backlog first: cancelled first, the holder's
+            # freed slot went to the oldest queued job, which then held it for good.
+            for state in ("QUEUED", "PROVISIONING"):
                 await stub.BulkCancelJobs(
                     js.BulkCancelJobsRequest(filter=f"state = {state}", reason=job_pb2.CANCEL_REASON_TESTING)
                 )
