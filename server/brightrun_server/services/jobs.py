@@ -845,23 +845,28 @@ class JobService:
     # ------------------------------------------------------------------ scheduling
 
     async def backoffs(self) -> Backoffs:
-        """Jobs waiting out a retry delay: recovering ones per pool, and the
-        earliest time any retry (recovery or provisioning) falls due."""
+        """Jobs waiting out a retry delay: recovering ones per pool whose lost
+        worker was this replica's (each replica holds back only the slots its own
+        workers held), and the earliest time any retry falls due."""
         now = utcnow()
         async with self._db.read() as session:
             rows = await session.execute(
-                sa.select(JobRow.state, JobRow.pool, sa.func.count(), sa.func.min(JobRow.next_attempt_time))
-                .where(JobRow.state.in_(_RETRYING), JobRow.next_attempt_time > now)
-                .group_by(JobRow.state, JobRow.pool)
+                sa.select(JobRow.pool, sa.func.count())
+                .join(AttemptRow, sa.and_(AttemptRow.job_id == JobRow.id, AttemptRow.number == JobRow.attempt_count))
+                .where(
+                    JobRow.state == JobState.RECOVERING.value,
+                    JobRow.next_attempt_time > now,
+                    AttemptRow.owner == self.replica_id,
+                )
+                .group_by(JobRow.pool)
             )
-            reserved: dict[str, int] = {}
-            due: list[datetime] = []
-            for state, pool, count, first in rows.all():
-                if state == JobState.RECOVERING.value:
-                    reserved[str(pool)] = reserved.get(str(pool), 0) + int(count)
-                if first is not None:
-                    due.append(first)
-        return Backoffs(reserved, min(due) if due else None)
+            reserved = {str(pool): int(count) for pool, count in rows.all()}
+            next_due = await session.scalar(
+                sa.select(sa.func.min(JobRow.next_attempt_time)).where(
+                    JobRow.state.in_(_RETRYING), JobRow.next_attempt_time > now
+                )
+            )
+        return Backoffs(reserved, next_due)
 
     async def claim_next(self, pool: str = "local") -> ClaimedAttempt | None:
         """Take the next waiting job of `pool` (queue order) and open an attempt
@@ -2088,9 +2093,10 @@ MAX_SEARCH_CHARS = 256
 class Backoffs:
     """What the scheduler needs to know about retries that are not due yet."""
 
-    #: Per pool, jobs in their recovery backoff. Each keeps the slot its
-    #: interrupted worker held: a queued job taking it would make the recovery
-    #: wait for that whole job (once due, claim_next starts recovering jobs first).
+    #: Per pool, jobs in their recovery backoff whose lost worker ran on this
+    #: replica. Each keeps the slot that worker held: a queued job taking it would
+    #: make the recovery wait for that whole job (once due, claim_next starts
+    #: recovering jobs first).
     reserved: dict[str, int]
     #: When the next retry falls due (None: none waiting), so the scheduler can
     #: start it then rather than at its next tick.
