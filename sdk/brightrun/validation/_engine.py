@@ -1030,8 +1030,7 @@ class Engine:
                         k,
                         "Add the target response text in the conversation editor.",
                     )
-                meta = pair.get("scaffolding_metadata", _MISSING)
-                if meta is _MISSING or meta is None:
+                if meta is None:  # missing or null: the conversation's
                     meta = conv_meta
                 elif type(meta) is not dict:
                     self.emit(

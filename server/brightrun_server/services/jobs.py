@@ -879,7 +879,7 @@ class JobService:
             # trainers never share a checkpoint directory.
             query = (
                 sa.select(JobRow)
-                .where(waiting_states(self._db.is_sqlite), claimable(now), JobRow.pool == pool)
+                .where(claimable(now, sqlite=self._db.is_sqlite), JobRow.pool == pool)
                 .order_by(*QUEUE_ORDER)
                 .limit(1)
             )
@@ -2103,25 +2103,25 @@ class Backoffs:
     next_due: datetime | None
 
 
-def claimable(now: datetime) -> Any:
-    """Jobs the scheduler may start now: queued ones, and recovering ones whose
-    backoff has passed and whose previous worker has exited (so two trainers
-    never share a checkpoint directory)."""
-    open_attempt = sa.exists().where(AttemptRow.job_id == JobRow.id, AttemptRow.end_time.is_(None))
-    retry_due = sa.and_(JobRow.state.in_(_RETRYING), JobRow.next_attempt_time <= now, ~open_attempt)
-    return sa.or_(JobRow.state == JobState.QUEUED.value, retry_due)
-
-
 _RETRYING = [JobState.RECOVERING.value, JobState.PROVISIONING.value]
 
 
-def waiting_states(sqlite: bool) -> Any:
-    """The states :func:`claimable` implies, as a condition the planner reads from
-    the state index: without it the OR above scans every job ever run (168 ms at
-    100k jobs). SQLite's statistics, where ANALYZE ran, know only the average
-    number of jobs per state, not that waiting ones are few: likelihood() says so."""
-    condition = JobRow.state.in_([JobState.QUEUED.value, *_RETRYING])
-    return sa.func.likelihood(condition, sa.literal_column("0.001")) if sqlite else condition
+def claimable(now: datetime, *, sqlite: bool) -> Any:
+    """Jobs the scheduler may start now: queued ones, and recovering ones whose
+    backoff has passed and whose previous worker has exited (so two trainers
+    never share a checkpoint directory).
+
+    The leading ``state IN (...)`` (implied by the OR) lets the planner read the
+    few waiting jobs from the state index; without it the OR scans every job ever
+    run (168 ms at 100k jobs). SQLite's statistics, where ANALYZE ran, know only
+    the average number of jobs per state, not that waiting ones are few:
+    likelihood() says so."""
+    waiting: Any = JobRow.state.in_([JobState.QUEUED.value, *_RETRYING])
+    if sqlite:
+        waiting = sa.func.likelihood(waiting, sa.literal_column("0.001"))
+    open_attempt = sa.exists().where(AttemptRow.job_id == JobRow.id, AttemptRow.end_time.is_(None))
+    retry_due = sa.and_(JobRow.state.in_(_RETRYING), JobRow.next_attempt_time <= now, ~open_attempt)
+    return sa.and_(waiting, sa.or_(JobRow.state == JobState.QUEUED.value, retry_due))
 
 
 #: Queue order, one definition for the scheduler and the queue view: recovering
